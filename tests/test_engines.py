@@ -144,3 +144,37 @@ def test_dvc_and_snakemake_same_outputs_noop_and_partial_rerun(tmp_path, tiny_da
     rerun = run(["dvc", "repro", *targets], a).stdout
     ran = set(re.findall(r"Running stage '(.+?)'", rerun))
     assert ran == set(targets), rerun
+
+
+def test_snakemake_reuses_dvc_graph_until_graph_files_change(tmp_path, tiny_data_root, monkeypatch):
+    """DVC is asked once per (dvc.yaml, params.yaml) version; source-folder inputs stay live."""
+    import sys
+
+    project = make_project(tmp_path / "p", tiny_params(tiny_data_root))
+    sys.path.insert(0, str(project))
+    try:
+        from workflow import dvc_graph
+
+        calls = []
+        resolve = dvc_graph.resolve_stages
+        monkeypatch.setattr(dvc_graph, "resolve_stages", lambda root: calls.append(root) or resolve(root))
+        first = dvc_graph.load_jobs_for_snakemake(project)
+        again = dvc_graph.load_jobs_for_snakemake(project)
+        assert len(calls) == 1 and [j.name for j in again] == [j.name for j in first]
+        assert again[0].inputs == first[0].inputs and first[0].inputs
+
+        # A new file in a source-folder dep is an input at once, without asking DVC again.
+        (project / "pipeline_src/tasks/extra.py").write_text("# new\n")
+        download = next(j for j in dvc_graph.load_jobs_for_snakemake(project) if j.name.startswith("download@"))
+        assert "pipeline_src/tasks/extra.py" in download.inputs and len(calls) == 1
+
+        # Editing params.yaml changes the key: DVC resolves the graph again.
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["cross_task"]["heldout_tasks"] = ["rte", "cb"]
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        jobs = dvc_graph.load_jobs_for_snakemake(project)
+        assert len(calls) == 2 and not any(j.name.endswith("copa") for j in jobs if j.name.startswith("subsets@"))
+    finally:
+        sys.path.remove(str(project))
+        sys.modules.pop("workflow.dvc_graph", None)
+        sys.modules.pop("workflow", None)

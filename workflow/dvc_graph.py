@@ -60,29 +60,33 @@ class Job:
         return [out if Path(out).suffix else directory(out) for out in self.targets]
 
 
-# Where the submitting Snakemake saves the resolved graph for its cluster jobs.
+# Where Snakemake keeps DVC's resolved graph between runs (see load_jobs_for_snakemake).
 SAVED_GRAPH_DIR = Path(".snakemake") / "dvc_graph"
 
 
-def load_jobs_for_snakemake(root: str | os.PathLike, remote: bool) -> list[Job]:
+def load_jobs_for_snakemake(root: str | os.PathLike, remote: bool = False) -> list[Job]:
     """The Snakefile's entry point.
 
-    Every cluster job parses the Snakefile again (twice with the SLURM plugin: its job step and
-    the srun inside it), and asking DVC costs 1-2 s each time. So the submitting process
-    (remote=False) asks DVC and saves the result under .snakemake/, named by a hash of dvc.yaml,
-    params.yaml and this module; a job (remote=True) reads that file back, or asks DVC itself
-    when there is none for the current files (e.g. params.yaml was edited since submission).
+    Asking DVC to resolve the graph costs 1-2 s, paid by every `snakemake -n` and by every
+    cluster job (each parses the Snakefile again, twice with the SLURM plugin). DVC's answer
+    depends only on dvc.yaml, params.yaml and this module, so it is saved under .snakemake/,
+    named by a hash of those files, and read back while they are unchanged. The Snakemake
+    inputs are recomputed on every load: they list the files of source folders, which change
+    without dvc.yaml changing. `remote` (a cluster job) never writes the file, so jobs on
+    shared storage do not race to write it.
     """
     root = Path(root).resolve()
     saved = root / SAVED_GRAPH_DIR / f"{_graph_key(root)}.json"
-    if remote and saved.is_file():
-        return [Job(**job) for job in json.loads(saved.read_text())]
-    jobs = load_jobs(root)
-    if not remote:
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_name(f".{saved.name}.{os.getpid()}")
-        tmp.write_text(json.dumps([asdict(job) for job in jobs]))
-        os.replace(tmp, saved)  # atomic: a job never reads half a file
+    if saved.is_file():
+        jobs = [Job(**job) for job in json.loads(saved.read_text())]
+    else:
+        jobs = resolve_stages(root)
+        if not remote:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            tmp = saved.with_name(f".{saved.name}.{os.getpid()}")
+            tmp.write_text(json.dumps([asdict(job) for job in jobs]))
+            os.replace(tmp, saved)  # atomic: a job never reads half a file
+    _resolve_inputs(jobs, root)
     return jobs
 
 
@@ -94,11 +98,18 @@ def _graph_key(root: Path) -> str:
 
 
 def load_jobs(root: str | os.PathLike = ".") -> list[Job]:
-    """Every DVC stage with a command, as DVC resolves it (foreach/matrix expanded)."""
+    """Every DVC stage with a command, as DVC resolves it, with its Snakemake inputs."""
+    root = Path(root).resolve()
+    jobs = resolve_stages(root)
+    _resolve_inputs(jobs, root)
+    return jobs
+
+
+def resolve_stages(root: Path) -> list[Job]:
+    """Every DVC stage with a command, as DVC resolves it (foreach/matrix expanded); no inputs yet."""
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
-    root = Path(root).resolve()
     resources = (yaml.safe_load((root / "params.yaml").read_text()) or {}).get("resources") or {}
     jobs = []
     with Repo(str(root)) as repo:
@@ -125,7 +136,6 @@ def load_jobs(root: str | os.PathLike = ".") -> list[Job]:
                     resources=_snakemake_resources(resources.get(base) or {}),
                 )
             )
-    _resolve_inputs(jobs, root)
     return jobs
 
 
