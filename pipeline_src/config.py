@@ -150,6 +150,10 @@ class StageResources(Strict):
     cpus_per_task: int = Field(1, ge=1)
 
 
+# The stages of dvc.yaml: `resources` may set Snakemake/SLURM resources for these only.
+STAGES = ("download", "tokenize", "pretrain", "subsets", "adapt", "zeroshot", "glue_mtl", "report")
+
+
 class Params(Strict):
     data: DataParams
     model: ModelParams
@@ -168,6 +172,9 @@ class Params(Strict):
                     raise ValueError(f"{key}: unknown task '{name}' (known: {', '.join(sorted(TASKS))})")
 
         known("data.tasks", self.data.tasks)
+        for stage in self.resources:
+            if stage not in STAGES:
+                raise ValueError(f"resources.{stage}: not a stage of dvc.yaml (stages: {', '.join(STAGES)})")
         hub_only = [t for t in self.data.tasks if TASKS[t].hub_only]
         if self.data.source == "files" and hub_only:
             raise ValueError(f"data.source: 'files', but {', '.join(hub_only)} exist only on the hub (use auto or hub)")

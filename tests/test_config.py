@@ -57,6 +57,7 @@ BAD_PARAMS = [
     ("d_s not divisible by heads", set_key("glue_mtl.configs.pal.d_s", 100), "glue_mtl.configs.pal.d_s: 100 is not divisible"),
     ("zero seeds", set_key("cross_task.fewshot.seeds", []), "cross_task.fewshot.seeds"),
     ("negative steps", set_key("cross_task.pretrain.steps", -5), "cross_task.pretrain.steps"),
+    ("resources for no stage", set_key("resources.evaluate", {"gpu": 1}), "resources.evaluate: not a stage of dvc.yaml"),
     ("missing data directory", set_key("data.root", "/nonexistent/glue_data"), "data.root: data directory '/nonexistent/glue_data' does not exist"),
 ]
 
@@ -97,7 +98,11 @@ def test_heads_must_divide_adapted_dims(tmp_path):
 
 
 def test_kshot_larger_than_train_split(tmp_path):
-    params = load_config(write_params(tmp_path, set_key("cross_task.fewshot.shots", 240)))
+    def mutate(p):
+        set_key("cross_task.fewshot.shots", 240)(p)
+        set_key("cross_task.fewshot.selection", 32)(p)
+
+    params = load_config(write_params(tmp_path, mutate))
     with pytest.raises(PipelineError, match=r"cross_task.fewshot.shots: 240 shots \+ 32 selection examples exceed cb's train split \(250 rows\)"):
         check_fewshot_sizes(params, {"cb": 250, "rte": 2490})
 
