@@ -17,7 +17,7 @@ STAGES = {
     "tokenize": "data/raw/<task>/ -> data/tokenized/<task>/ for model.name",
     "pretrain": "multi-task pre-training of one adapter inventory (LoRA / Poly / MHR)",
     "subsets": "k-shot training and selection subsets of one held-out task, per seed",
-    "adapt": "few-shot adaptation of one method to one held-out task and seed, scored on its dev split",
+    "adapt": "few-shot adaptation of one method to one held-out task (every seed), scored on its dev split",
     "zeroshot": "zero-shot evaluation of held-out tasks (multi-task LoRA, MHR-mu)",
     "glue_mtl": "GLUE multi-task training + evaluation of one task-specific-parameter configuration",
     "report": "tables, plots and results/metrics.json from every metrics file",

@@ -308,7 +308,7 @@ def test_paper_params_validate_and_plan(name, tmp_path, monkeypatch):
     project = make_project(tmp_path / name, raw)
     stages = planned_stages(project)
     n_tasks, n_held = len(params.data.tasks), len(ct.heldout_tasks)
-    n_runs = len(ct.adapt_methods) * n_held * len(ct.fewshot.seeds)
+    n_runs = len(ct.adapt_methods) * n_held  # one job per (method, task), seeds inside
     expected = {"download": n_tasks, "tokenize": n_tasks, "pretrain": len(ct.inventories), "subsets": n_held,
                 "adapt": n_runs, "zeroshot": len(ct.zeroshot_methods), "report": 1,  # adapt also scores dev
                 "glue_mtl": len(params.glue_mtl.configs)}  # T0: none (configs: {}); PALs: one per config
@@ -380,6 +380,15 @@ def test_dvc_repro_cross_task_with_tiny_t5(tmp_path, tiny_data_root, tiny_t5_dir
     summary = json.loads((project / "results/metrics.json").read_text())
     assert summary and any("mhr" in key for key in _flat_keys(summary))
     assert "Running stage" not in run(["dvc", "repro"], project).stdout  # cached: nothing reruns
+
+    # One adapt job runs every seed; a seed run alone gives the same result as after the other
+    # seeds in that job (each seed starts from its own seeded state).
+    method, task, seed = "mhr", ct["heldout_tasks"][0], ct["fewshot"]["seeds"][-1]
+    assert len(ct["fewshot"]["seeds"]) > 1
+    path = project / f"results/metrics/cross_task_fewshot/{method}/{task}/s{seed}.json"
+    in_job = json.loads(path.read_text())
+    run(["python", "-m", "pipeline_src", "adapt", "--method", method, "--task", task, "--seed", str(seed)], project)
+    assert json.loads(path.read_text()) == in_job
 
 
 def _flat_keys(obj, prefix: str = "") -> list[str]:

@@ -1,4 +1,4 @@
-"""Stage adapt: few-shot adaptation of one method to one held-out task for one seed, then evaluation.
+"""Stage adapt: few-shot adaptation of one method to one held-out task, for every seed, then evaluation.
 
 Methods (cross_task.adapt_methods, by mode):
   scratch_lora  a fresh LoRA (K=1) + scorer head on the bare backbone (seq2seq: no head)
@@ -8,10 +8,13 @@ Methods (cross_task.adapt_methods, by mode):
   mean          inventory collapsed to its mean, one plain LoRA, fine-tuned (MHR-mu)
 The weights with the best selection-subset score are kept (selection never sees the reporting
 split), then scored on the task's dev split by rank classification.
-Writes runs/cross_task/<method>/<task>/s<seed>/ (weights.safetensors: the selected trainable
-weights, selection.json, summary.json, log.jsonl), results/metrics/cross_task_fewshot/<method>/
-<task>/s<seed>.json and the per-example predictions (pipeline_src/evaluation.py). Adapting and
-scoring in one job saves a process start and a model load per job (112 -> 56 on the default).
+Writes, per seed: runs/cross_task/<method>/<task>/s<seed>/ (weights.safetensors: the selected
+trainable weights, selection.json, summary.json, log.jsonl), results/metrics/cross_task_fewshot/
+<method>/<task>/s<seed>.json and the per-example predictions (pipeline_src/evaluation.py).
+
+One job per (method, task) runs the seeds one after the other, and adapts and scores in the same
+process: a process start with its imports and model load costs ~5 s on a CPU, as much as a short
+adaptation itself (default: 28 jobs instead of 112). `--seed` runs one seed only (debugging).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ EXPERIMENT = "cross_task_fewshot"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, help="a key of cross_task.adapt_methods")
     parser.add_argument("--task", required=True, help="a held-out task")
-    parser.add_argument("--seed", required=True, type=int)
+    parser.add_argument("--seed", type=int, help="one seed of cross_task.fewshot.seeds (default: all of them)")
 
 
 def run_dir(method: str, task: str, seed: int) -> Path:
@@ -59,7 +62,7 @@ def check_args(params: Params, args: argparse.Namespace) -> None:
         raise PipelineError(f"--method: '{args.method}' is not a key of cross_task.adapt_methods")
     if args.task not in ct.heldout_tasks:
         raise PipelineError(f"--task: '{args.task}' is not in cross_task.heldout_tasks")
-    if args.seed not in ct.fewshot.seeds:
+    if args.seed is not None and args.seed not in ct.fewshot.seeds:
         raise PipelineError(f"--seed: {args.seed} is not in cross_task.fewshot.seeds")
 
 
@@ -113,13 +116,20 @@ def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
 
 def run(params: Params, args: argparse.Namespace) -> None:
     check_args(params, args)
+    seeds = params.cross_task.fewshot.seeds if args.seed is None else [args.seed]
+    for seed in seeds:
+        adapt_one(params, args.method, args.task, seed)
+
+
+def adapt_one(params: Params, method: str, task: str, seed: int) -> None:
+    """Adapt `method` to `task` on the seed's few-shot subsets, keep the best selection step, score dev."""
     ct = params.cross_task
-    spec = get_task(args.task)
-    train_split = load_split(args.task, "train", path=subset_path(args.task, args.seed, "train"))
-    select_split = load_split(args.task, "select", path=subset_path(args.task, args.seed, "select"))
-    model, tokenizer, task_id = build_adapt_model(params, args.method, args.seed)
+    spec = get_task(task)
+    train_split = load_split(task, "train", path=subset_path(task, seed, "train"))
+    select_split = load_split(task, "select", path=subset_path(task, seed, "select"))
+    model, tokenizer, task_id = build_adapt_model(params, method, seed)
     pad_id = tokenizer.pad_token_id
-    out = run_dir(args.method, args.task, args.seed)
+    out = run_dir(method, task, seed)
     # A short job that always starts fresh: the selection state lives in memory, not in the
     # checkpoint, so resuming a half-done adaptation would select from an incomplete history.
     shutil.rmtree(out, ignore_errors=True)
@@ -135,17 +145,17 @@ def run(params: Params, args: argparse.Namespace) -> None:
         if score > best["score"]:  # the earliest best wins ties
             best.update(score=score, step=step, state={n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad})
 
-    settings = train_settings(ct.adapt, seed=args.seed)
+    settings = train_settings(ct.adapt, seed=seed)
     # A short job that never resumes: skip deterministic-algorithm mode (its import alone costs
     # ~2 s per job, x56 jobs on the default); CPU kernels used here are deterministic anyway.
     settings.deterministic = False
-    batcher = make_batcher(ct.adapt, {args.task: len(train_split)}, mode="single_task", seed=args.seed)
-    config_hash = params.section_hash("model", "adapter", f"cross_task.adapt_methods.{args.method}", "cross_task.adapt", "cross_task.fewshot")
+    batcher = make_batcher(ct.adapt, {task: len(train_split)}, mode="single_task", seed=seed)
+    config_hash = params.section_hash("model", "adapter", f"cross_task.adapt_methods.{method}", "cross_task.adapt", "cross_task.fewshot")
     counts = trainable_counts(model)
     train(
         model, batcher, choice_loss_fn([train_split], pad_id, task_id_of=lambda t: task_id), settings, out,
-        f"{config_hash}-{args.task}-{args.seed}",
-        summary_extra={"method": args.method, "task": args.task, "seed": args.seed, "task_id": task_id, "params": counts},
+        f"{config_hash}-{task}-{seed}",
+        summary_extra={"method": method, "task": task, "seed": seed, "task_id": task_id, "params": counts},
         on_step_end=select,
     )
     with atomic_output(out / "weights.safetensors") as tmp:
@@ -157,9 +167,9 @@ def run(params: Params, args: argparse.Namespace) -> None:
         own = dict(model.named_parameters())
         for name, value in best["state"].items():
             own[name].copy_(value)
-    split = report_split(params, args.task)
+    split = report_split(params, task)
     preds, metrics = score_split(model, split, pad_id, task_id)
-    path = write_results(EXPERIMENT, args.method, args.task, params.task_shots(args.task), args.seed, split, preds,
+    path = write_results(EXPERIMENT, method, task, params.task_shots(task), seed, split, preds,
                          metrics, counts, extra={"selected_step": best["step"]})
-    print(f"adapt {args.method}/{args.task}/s{args.seed}: selected step {best['step']} "
+    print(f"adapt {method}/{task}/s{seed}: selected step {best['step']} "
           f"(selection {best['score']:.3f}); dev {metrics} -> {path}")
