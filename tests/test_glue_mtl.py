@@ -190,6 +190,27 @@ def test_trainable_sets(in_workdir):
     assert not torch.equal(moved, fresh["encoder.layer.0.attention.self.query.weight"])
 
 
+@pytest.mark.parametrize("kind", ["pal", "separate"])
+def test_freeze_word_embeddings_keeps_only_the_table_fixed(in_workdir, kind):
+    params = make_params(freeze_word_embeddings=True)
+    fresh = tiny_backbone().state_dict()
+    run = glue_mtl.train_and_evaluate(params, kind)
+    backbones = [m.backbone for m in run.model.models] if kind == "separate" else [run.model.backbone]
+    table = "embeddings.word_embeddings.weight"
+    for backbone in backbones:
+        state = backbone.state_dict()
+        assert torch.equal(state[table], fresh[table])
+        assert not torch.equal(state["encoder.layer.0.attention.self.query.weight"],
+                               fresh["encoder.layer.0.attention.self.query.weight"])
+    saved = load_file(f"models/glue_mtl/pretrain/{kind}/adapter.safetensors")
+    assert saved and not any(name.endswith(table) for name in saved)
+    counts = glue_mtl.parameter_counts(run.model, TASKS)
+    unfrozen = glue_mtl.parameter_counts(glue_mtl.build_model(make_params(), kind)[0], TASKS)
+    task = TASKS[0]
+    assert unfrozen[task]["trainable_per_task"] - counts[task]["trainable_per_task"] == fresh[table].numel()
+    assert counts[task]["multiplier"] == unfrozen[task]["multiplier"]
+
+
 @pytest.mark.parametrize("kind", ["full_ft", "heads_only", "separate", "pal", "low_rank", "top_proj", "lhuc"])
 def test_parameter_counts(kind):
     params = make_params()

@@ -148,6 +148,8 @@ def build_model(params: Params, name: str) -> tuple[nn.Module, int]:
     specs = head_specs(glue.tasks)
     backbone, tokenizer = load_backbone(params.model.name, params.model.kind)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    if glue.freeze_word_embeddings:
+        backbone.get_input_embeddings().weight.requires_grad_(False)
     if cfg.kind == "separate":
         models = [TaskHeadModel(copy.deepcopy(backbone), [spec]) for spec in specs]
         return SeparateModels(models), pad_id
@@ -156,7 +158,8 @@ def build_model(params: Params, name: str) -> tuple[nn.Module, int]:
         model.freeze_backbone()
     elif cfg.kind in TASK_SPECIFIC_KINDS:
         add_task_specific(model.backbone, task_specific_config(name, cfg, len(specs)))
-    # full_ft and the task-specific kinds: every parameter trains (PALs fine-tunes the shared encoder).
+    # full_ft and the task-specific kinds: every parameter trains (PALs fine-tunes the shared encoder),
+    # the word embeddings too unless glue_mtl.freeze_word_embeddings.
     return model, pad_id
 
 
@@ -314,7 +317,8 @@ def train_and_evaluate(params: Params, name: str) -> GlueRun:
     model, pad_id = build_model(params, name)
     counts = parameter_counts(model, glue.tasks)
     config_hash = params.section_hash(
-        "model", "glue_mtl.tasks", f"glue_mtl.configs.{name}", "glue_mtl.train", "glue_mtl.lr_head"
+        "model", "glue_mtl.tasks", f"glue_mtl.configs.{name}", "glue_mtl.train", "glue_mtl.lr_head",
+        "glue_mtl.freeze_word_embeddings",
     ) + "-" + data_fingerprint(splits)
     settings = train_settings(train_params)
     settings.routing_lr = glue.lr_head  # the second param group holds the heads (is_head_param)
