@@ -27,7 +27,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # ---- fixtures: params + the files the evaluate / pretrain stages write ----
 
-def make_params() -> Params:
+def make_params(glue_configs: dict | None = None) -> Params:
     raw = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
     ct = raw["cross_task"]
     ct["heldout_tasks"] = ["rte", "cb"]
@@ -42,7 +42,7 @@ def make_params() -> Params:
     ct["zeroshot_methods"] = {"mtl_lora_zs": {"init": "lora", "mode": "as_is"},
                               "mhr_mu_zs": {"init": "mhr", "mode": "mean"}}
     raw["glue_mtl"]["tasks"] = ["cola", "mrpc", "stsb"]
-    raw["glue_mtl"]["configs"] = {
+    raw["glue_mtl"]["configs"] = glue_configs or {
         "pal": {"kind": "pal", "d_s": 96, "n_attention_heads": 6, "sampler": "annealed"},
         "pal_sqrt": {"kind": "pal", "d_s": 96, "n_attention_heads": 6, "sampler": "sqrt"},
         "low_rank": {"kind": "low_rank", "d_s": 96, "sampler": "annealed"},
@@ -76,11 +76,13 @@ FEWSHOT = {  # (method, task) -> {seed: accuracy}; rte k=32, cb k=16 (shots_per_
     ("lora_scratch", "rte"): {42: 0.52, 1024: 0.56},  # no cb: no average for lora_scratch
 }
 PARAMS = {"poly": (1_000, 9_000), "mhr": (2_500_000, 2_500_000), "lora_scratch": (295_000, 295_000)}
-GLUE = {  # config -> task -> metrics (one seed, 0)
-    "pal": {"cola": {"mcc": 0.40}, "mrpc": {"f1": 0.80, "accuracy": 0.70}, "stsb": {"pearson": 0.86, "spearman": 0.84}},
-    "pal_sqrt": {"cola": {"mcc": 0.30}, "mrpc": {"f1": 0.84, "accuracy": 0.76}, "stsb": {"pearson": 0.80, "spearman": 0.78}},
-    "low_rank": {"cola": {"mcc": 0.20}, "mrpc": {"f1": 0.75, "accuracy": 0.65}, "stsb": {"pearson": 0.70, "spearman": 0.70}},
+GLUE = {  # (config, seed) -> task -> metrics; low_rank has a second seed
+    ("pal", 0): {"cola": {"mcc": 0.40}, "mrpc": {"f1": 0.80, "accuracy": 0.70}, "stsb": {"pearson": 0.86, "spearman": 0.84}},
+    ("pal_sqrt", 0): {"cola": {"mcc": 0.30}, "mrpc": {"f1": 0.84, "accuracy": 0.76}, "stsb": {"pearson": 0.80, "spearman": 0.78}},
+    ("low_rank", 0): {"cola": {"mcc": 0.20}, "mrpc": {"f1": 0.75, "accuracy": 0.65}, "stsb": {"pearson": 0.70, "spearman": 0.70}},
+    ("low_rank", 1): {"cola": {"mcc": 0.26}, "mrpc": {"f1": 0.79, "accuracy": 0.69}, "stsb": {"pearson": 0.74, "spearman": 0.72}},
 }
+MULTIPLIER = {"pal": 1.13, "pal_sqrt": 1.13, "low_rank": 1.1}  # params.multiplier (pal and pal_sqrt: same model)
 
 
 def build_inputs(root: Path) -> tuple[Path, Path]:
@@ -98,11 +100,11 @@ def build_inputs(root: Path) -> tuple[Path, Path]:
     (metrics_dir / "cross_task_fewshot" / "poly" / "rte" / "predictions.json").write_text("[]")  # not a metrics file
     for task, acc in (("rte", 0.55), ("cb", 0.45)):
         write_run(metrics_dir, "cross_task_zeroshot", "mhr_mu_zs", task, 0, {"accuracy": acc}, k=0, trainable=0, stored=0)
-    for config, by_task in GLUE.items():
+    for (config, seed), by_task in GLUE.items():
         cfg = make_params().glue_mtl.configs[config]
         for task, metrics in by_task.items():
-            write_run(metrics_dir, "glue_mtl", config, task, 0, metrics, trainable=1_819_836, stored=1_819_836,
-                      sampler=cfg.sampler, kind=cfg.kind, params={"multiplier": 1.13})
+            write_run(metrics_dir, "glue_mtl", config, task, seed, metrics, trainable=1_819_836, stored=1_819_836,
+                      sampler=cfg.sampler, kind=cfg.kind, params={"multiplier": MULTIPLIER[config]})
     for name, offset in (("poly", 0.0), ("mhr", 0.1)):
         lines = []
         for step in range(1, 41):
@@ -231,7 +233,7 @@ def test_metrics_json(built: Path) -> None:
 
 EXPECTED_PLOTS = [
     "accuracy_cross_task_fewshot", "accuracy_cross_task_zeroshot", "accuracy_glue_mtl", "routing_mhr",
-    "routing_entropy", "alignment_cross_task", "learning_curves_cross_task",
+    "routing_entropy", "alignment_cross_task", "learning_curves_cross_task", "score_vs_multiplier_glue_mtl",
 ]
 
 
@@ -277,6 +279,76 @@ def test_plot_data_files(built: Path) -> None:
     assert curves["poly/all"][0] == pytest.approx(2.0 - 1 / 40)  # debiased EMA starts at the first value
 
 
+def test_score_vs_multiplier_data(built: Path) -> None:
+    frame = pd.read_csv(built / "plots" / "data" / "score_vs_multiplier_glue_mtl.csv")
+    assert list(frame.columns) == ["config", "kind", "family", "sampler", "multiplier", "average", "average_std", "n_seeds"]
+    assert list(frame["config"]) == ["pal", "pal_sqrt", "low_rank"]  # params order
+    rows = frame.set_index("config")
+    assert list(rows["multiplier"]) == pytest.approx([1.13, 1.13, 1.1])
+    # average over tasks of the primary (mean of the task's metrics), ×100
+    assert rows.loc["pal", "average"] == pytest.approx((40 + (80 + 70) / 2 + (86 + 84) / 2) / 3, abs=1e-4)  # 66.6667
+    assert rows.loc["pal_sqrt", "average"] == pytest.approx((30 + (84 + 76) / 2 + (80 + 78) / 2) / 3, abs=1e-4)  # 63.0
+    # low_rank, two seeds: seed 0 (20 + 70 + 70) / 3 = 53.33, seed 1 (26 + 74 + 73) / 3 = 57.67
+    assert rows.loc["low_rank", "average"] == pytest.approx(55.5, abs=1e-4)
+    assert rows.loc["low_rank", "average_std"] == pytest.approx(sd(160 / 3, 173 / 3), abs=1e-4)  # 3.0641
+    assert math.isnan(rows.loc["pal", "average_std"]) and math.isnan(rows.loc["pal_sqrt", "average_std"])  # one seed
+    assert list(rows["n_seeds"]) == [1, 1, 2]
+    assert list(rows["kind"]) == ["pal", "pal", "low_rank"]
+    assert set(rows["family"]) == {"within layers"}
+    assert list(rows["sampler"]) == ["annealed", "sqrt", "annealed"]
+
+
+def test_score_vs_multiplier_agrees_with_the_table(built: Path) -> None:
+    table = pd.read_csv(built / "tables" / "glue_mtl.csv").set_index("config")
+    plot = pd.read_csv(built / "plots" / "data" / "score_vs_multiplier_glue_mtl.csv").set_index("config")
+    assert list(plot.index) == list(table.index)
+    for config in plot.index:
+        assert plot.loc[config, "average"] == pytest.approx(table.loc[config, "average"], abs=0.005), config  # table: 2 decimals
+        assert plot.loc[config, "multiplier"] == pytest.approx(table.loc[config, "multiplier"]), config
+    assert plot.loc["low_rank", "average_std"] == pytest.approx(table.loc["low_rank", "average_std"], abs=0.005)
+    metrics = json.loads((built / "metrics.json").read_text())
+    for config in plot.index:
+        assert plot.loc[config, "average"] == pytest.approx(100 * metrics[f"glue_mtl/{config}/average"], abs=1e-3), config
+
+
+def test_kind_families_match_the_adapters() -> None:
+    from pipeline_src.adapters.pal import TOP_KINDS, WITHIN_KINDS
+    from pipeline_src.config import TASK_SPECIFIC_KINDS
+    from pipeline_src.report.plots import KIND_FAMILIES, kind_family
+
+    assert set(KIND_FAMILIES["within layers"]) == set(WITHIN_KINDS)
+    assert set(KIND_FAMILIES["on top"]) == set(TOP_KINDS)
+    assert set(KIND_FAMILIES["baselines"]) == set(TASK_SPECIFIC_KINDS) - set(WITHIN_KINDS) - set(TOP_KINDS)
+    assert [kind_family(k) for k in ("houlsby", "top_proj", "separate", "new_kind")] == \
+        ["within layers", "on top", "baselines", "other"]
+
+
+def test_score_vs_multiplier_leaves_out_incomplete_configs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    configs = {"pal": {"kind": "pal", "d_s": 96}, "top_proj": {"kind": "top_proj", "d_s": 96},
+               "separate": {"kind": "separate"}}
+    params = make_params(configs)
+    metrics_dir = tmp_path / "metrics"
+    write_run(metrics_dir, "cross_task_fewshot", "poly", "rte", 42, {"accuracy": 0.6}, k=32)
+    scores = {"pal": 0.5, "top_proj": 0.4, "separate": 0.6}
+    multipliers = {"pal": 1.13, "top_proj": 1.1, "separate": 3.0 * 1.01}  # 3 tasks: separate ~3×, log x axis
+    for config, cfg in params.glue_mtl.configs.items():
+        for task, metrics in (("cola", {"mcc": scores[config]}), ("mrpc", {"f1": scores[config], "accuracy": scores[config]}),
+                              ("stsb", {"pearson": scores[config], "spearman": scores[config]})):
+            if config == "top_proj" and task == "stsb":
+                continue  # no STS-B: no average, not plotted
+            write_run(metrics_dir, "glue_mtl", config, task, 0, metrics, sampler=cfg.sampler, kind=cfg.kind,
+                      params={"multiplier": multipliers[config]})
+    run_report(params, metrics_dir, tmp_path / "models", tmp_path / "out")
+    assert "glue_mtl config(s) top_proj lack results on some task: left out of the score-vs-multiplier plot" \
+        in capsys.readouterr().out
+    frame = pd.read_csv(tmp_path / "out" / "plots" / "data" / "score_vs_multiplier_glue_mtl.csv").set_index("config")
+    assert list(frame.index) == ["pal", "separate"]
+    assert list(frame["family"]) == ["within layers", "baselines"]
+    assert list(frame["multiplier"]) == pytest.approx([1.13, 3.03])
+    assert list(frame["average"]) == pytest.approx([50.0, 60.0])
+    assert (tmp_path / "out" / "plots" / "score_vs_multiplier_glue_mtl.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def outputs(root: Path) -> dict[Path, bytes]:
     """Every file the report wrote under `root` (the fixture's inputs under metrics/ excluded)."""
     files = (p for p in sorted(root.rglob("*")) if p.is_file())
@@ -301,6 +373,7 @@ def test_only_fewshot_results_skips_the_rest(tmp_path: Path, capsys: pytest.Capt
     notes = capsys.readouterr().out
     assert "no cross_task_zeroshot results: table skipped" in notes
     assert "no glue_mtl results: GLUE table skipped" in notes
+    assert "no glue_mtl results: score-vs-multiplier plot skipped" in notes
     assert "no log.jsonl for cross_task pre-training run(s) lora, poly, mhr" in notes
     assert sorted(p.name for p in (tmp_path / "out" / "tables").iterdir()) == ["cross_task_fewshot.csv", "cross_task_fewshot.md"]
     assert sorted(p.name for p in (tmp_path / "out" / "plots").glob("*.png")) == ["accuracy_cross_task_fewshot.png"]

@@ -222,7 +222,7 @@ def test_failed_job_reports_log_and_rerun_resumes(cluster_run, slurm_cluster, tm
     if cluster_run.returncode != 0:
         pytest.skip("the shared SLURM run failed (see the first test)")
     wd = copy_project(cluster_run.pristine, tmp_path / "p")
-    broken, good = "adapt_mhr_mu_rte_1", "adapt_lora_scratch_rte_1"
+    broken, good = "adapt_mhr_mu_rte", "adapt_lora_scratch_rte"
 
     # A corrupt input: the MHR weights the mhr_mu adaptation loads. Its mtime kept, so that
     # only the two jobs forced below run (as after editing them), not all that read the file.

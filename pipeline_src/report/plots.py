@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: the report runs on CPU nodes without a display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -29,6 +30,20 @@ DPI = 120
 PNG_METADATA = {"Software": None}
 MAX_HEAD_GROUPS = 8
 ANNOTATE_MAX_CELLS = 120
+# glue_mtl kinds by where their task-specific parameters go: pipeline_src.adapters.pal's WITHIN_KINDS
+# and TOP_KINDS, then the baselines of config.TASK_SPECIFIC_KINDS (spelled out: importing pal.py
+# would pull torch into the report; tests/test_report.py checks the two agree)
+KIND_FAMILIES = {
+    "within layers": ("low_rank", "mha", "pal", "ffn", "houlsby", "lhuc"),
+    "on top": ("top_linear", "top_bert_layer", "top_proj"),
+    "baselines": ("full_ft", "heads_only", "separate"),
+}
+FAMILY_STYLES = {  # colour, marker: told apart in greyscale too
+    "within layers": ("tab:blue", "o"), "on top": ("tab:orange", "s"), "baselines": ("tab:gray", "^"),
+    "other": ("tab:purple", "D"),
+}
+MARKER_SIZE = 8  # points
+LOG_X_RATIO = 3.0  # multipliers spanning more than this (e.g. `separate` at N×) get a log x axis
 
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:
@@ -295,3 +310,122 @@ def plot_learning_curves(logs: Mapping[str, TrainingLog], experiment: str, out_d
     fig.suptitle(f"Pre-training loss per task ({experiment}; EMA smoothing {smoothing}, raw faint)")
     name = f"learning_curves_{experiment}"
     return [save_figure(fig, out_dir / f"{name}.png"), save_csv(_wide(series), out_dir / "data" / f"{name}.csv")]
+
+
+# ---- glue_mtl: score vs parameters ----
+
+def kind_family(kind: str | None) -> str:
+    """'within layers', 'on top', 'baselines' (KIND_FAMILIES), or 'other' for a kind not listed."""
+    return next((family for family, kinds in KIND_FAMILIES.items() if kind in kinds), "other")
+
+
+def score_vs_multiplier_rows(results: Results, configs: Sequence[str], tasks: Sequence[str]) -> list[dict[str, object]]:
+    """One row per config with a score on every task, in `configs` order: the data of the plot.
+
+    multiplier: the mean over tasks of params.multiplier (as glue_table); average: the GLUE-style
+    average_over_tasks (as glue_table and metrics.json), ×100, std blank for one seed.
+    """
+    experiment = "glue_mtl"
+    rows = []
+    for config in configs:
+        avg = average_over_tasks(results, experiment, config, tasks)
+        if avg is None:
+            continue
+        cells = [results[(experiment, config, task)] for task in tasks]
+        multiplier = float(np.mean([c.params["multiplier"] for c in cells]))
+        std = round(avg.std * SCALE, 4) if avg.n > 1 and math.isfinite(avg.std) else None
+        rows.append({"config": config, "kind": cells[0].kind, "family": kind_family(cells[0].kind),
+                     "sampler": cells[0].sampler, "multiplier": round(multiplier, 4),
+                     "average": round(avg.mean * SCALE, 4), "average_std": std, "n_seeds": avg.n})
+    return rows
+
+
+# label offsets (points) tried in turn: right, left, above, below, then the diagonals
+LABEL_OFFSETS = [(7, 0, "left", "center"), (-7, 0, "right", "center"), (0, 8, "center", "bottom"),
+                 (0, -8, "center", "top"), (6, 6, "left", "bottom"), (-6, 6, "right", "bottom"),
+                 (6, -6, "left", "top"), (-6, -6, "right", "top")]
+
+
+def _overlap(a, b) -> float:
+    """Area shared by two display-space boxes (matplotlib Bbox)."""
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _place_labels(ax: plt.Axes, labels: Sequence[str], xs: Sequence[float], ys: Sequence[float], marker_px: float) -> None:
+    """Name each point, at the first of LABEL_OFFSETS whose text hits no other label or point (else the
+    least crowded): configs that differ only in the sampler share a multiplier and sit close."""
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    centres = ax.transData.transform(np.column_stack([xs, ys]))
+    half = marker_px / 2
+    taken = [Bbox.from_extents(cx - half, cy - half, cx + half, cy + half) for cx, cy in centres]
+    for i, (label, x, y) in enumerate(zip(labels, xs, ys)):
+        best, best_cost = None, math.inf
+        for dx, dy, ha, va in LABEL_OFFSETS:
+            text = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=8)
+            box = text.get_window_extent(renderer)
+            cost = sum(_overlap(box, other) for j, other in enumerate(taken) if j != i)
+            if cost < best_cost:
+                if best is not None:
+                    best[0].remove()
+                best, best_cost = (text, box), cost
+            else:
+                text.remove()
+            if cost == 0:
+                break
+        taken.append(best[1])
+
+
+def plot_score_vs_multiplier(results: Results, configs: Sequence[str], tasks: Sequence[str], out_dir: str | Path) -> list[Path]:
+    """The PALs trade-off: each glue_mtl config's average dev score vs its parameter multiplier.
+
+    One point per config with a score on every task (others are left out, as the table gives them
+    no average), labelled with its name; colour and marker by family of kind (KIND_FAMILIES);
+    error bars: std over seeds of the per-seed averages, where there are 2+ seeds.
+    Data: data/score_vs_multiplier_glue_mtl.csv, columns config, kind, family, sampler,
+    multiplier (× one base model), average (×100), average_std (×100, blank for one seed),
+    n_seeds; the same numbers as the glue_mtl table. [] when no config has every task.
+    """
+    out_dir = Path(out_dir)
+    rows = score_vs_multiplier_rows(results, configs, tasks)
+    if not rows:
+        return []
+    xs = [float(r["multiplier"]) for r in rows]  # type: ignore[arg-type]
+    ys = [float(r["average"]) for r in rows]  # type: ignore[arg-type]
+    x_log = min(xs) > 0 and max(xs) / min(xs) > LOG_X_RATIO
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    for family in [*KIND_FAMILIES, "other"]:
+        members = [i for i, r in enumerate(rows) if r["family"] == family]
+        if not members:
+            continue
+        color, marker = FAMILY_STYLES[family]
+        errs = [float(rows[i]["average_std"]) if rows[i]["average_std"] is not None else 0.0 for i in members]  # type: ignore[arg-type]
+        ax.errorbar([xs[i] for i in members], [ys[i] for i in members], yerr=errs if any(errs) else None,
+                    fmt=marker, color=color, markersize=MARKER_SIZE, capsize=3, linestyle="none", label=family)
+    if x_log:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+    else:
+        ax.xaxis.set_major_locator(mticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.margins(x=0.25, y=0.15)  # room for the labels
+    ax.set_xlim(ax.get_xlim())  # fixed before the labels are placed in display space
+    ax.set_ylim(ax.get_ylim())
+    _place_labels(ax, [str(r["config"]) for r in rows], xs, ys, marker_px=MARKER_SIZE * fig.dpi / 72)
+    ax.set_xlabel("parameters for all tasks (× one base model)")
+    ax.set_ylabel(f"average score ×100 (primary metric, {len(tasks)} tasks)")
+    title = "GLUE multi-task: average dev score vs parameters"
+    if any(r["average_std"] is not None for r in rows):
+        title += " (mean ± std over seeds)"
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(title="task-specific parameters", fontsize=8, title_fontsize=8, loc="best")
+    name = "score_vs_multiplier_glue_mtl"
+    columns = ["config", "kind", "family", "sampler", "multiplier", "average", "average_std", "n_seeds"]
+    return [save_figure(fig, out_dir / f"{name}.png"), save_csv(pd.DataFrame(rows, columns=columns), out_dir / "data" / f"{name}.csv")]

@@ -3,7 +3,8 @@
 Reads results/metrics/<experiment>/<method>/<task>/[k<k>-]s<seed>.json and, when present,
 models/<cross_task|glue_mtl>/pretrain/<name>/{log.jsonl, routing.json}. Writes:
   <out>/tables/{cross_task_fewshot,cross_task_zeroshot,glue_mtl,sampler_ablation}.{md,csv}
-  <out>/plots/*.png and <out>/plots/data/*.csv
+  <out>/plots/*.png and <out>/plots/data/*.csv (glue_mtl: accuracy bars and score_vs_multiplier_glue_mtl,
+      each config's average dev score vs its parameter multiplier, the PALs trade-off)
   <out>/metrics.json
 Only runs the current params describe are reported (methods, tasks, few-shot seeds and k):
 files left behind by removed methods or older settings are listed in a note, not averaged in.
@@ -22,10 +23,11 @@ from pipeline_src.errors import PipelineError
 from pipeline_src.io_utils import atomic_output, write_json
 from pipeline_src.report.load import Routing, RunResult, TrainingLog, load_log, load_routing, load_runs
 from pipeline_src.report.plots import (
-    plot_accuracy, plot_alignment, plot_learning_curves, plot_routing, plot_routing_entropy,
+    plot_accuracy, plot_alignment, plot_learning_curves, plot_routing, plot_routing_entropy, plot_score_vs_multiplier,
 )
 from pipeline_src.report.tables import (
-    Table, aggregate, cross_task_table, glue_table, layout, metrics_summary, sampler_ablation_table, write_table,
+    Results, Table, aggregate, average_over_tasks, cross_task_table, glue_table, layout, metrics_summary,
+    sampler_ablation_table, write_table,
 )
 
 CONFIG_CHECKS = {"check_data": False}
@@ -102,6 +104,25 @@ def load_pretraining(models_dir: Path, params: Params) -> tuple[dict[str, dict[s
     return logs, routings
 
 
+def glue_plots(results: Results, order: dict[str, tuple[list[str], list[str]]],
+               layouts: dict[str, tuple[list[str], list[str]]], plots_dir: Path) -> list[Path]:
+    """The score-vs-multiplier plot of glue_mtl (its accuracy bars come with the other experiments'),
+    or a note saying why it is skipped or who is left out of it."""
+    if "glue_mtl" not in order:
+        return []  # already noted with the tables
+    if "glue_mtl" not in layouts:
+        note("no glue_mtl results: score-vs-multiplier plot skipped")
+        return []
+    configs, tasks = layouts["glue_mtl"]
+    incomplete = [c for c in configs if average_over_tasks(results, "glue_mtl", c, tasks) is None]
+    written = plot_score_vs_multiplier(results, configs, tasks, plots_dir)
+    if not written:
+        note("no glue_mtl config has results on every task: score-vs-multiplier plot skipped")
+    elif incomplete:
+        note(f"glue_mtl config(s) {', '.join(incomplete)} lack results on some task: left out of the score-vs-multiplier plot")
+    return written
+
+
 def run(params: Params, args: argparse.Namespace) -> None:
     metrics_dir, models_dir, out = Path(args.metrics_dir), Path(args.models_dir), Path(args.out)
 
@@ -138,7 +159,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
         else:
             tables.append(ablation)
     else:
-        note("no glue_mtl section in params: GLUE tables skipped")
+        note("no glue_mtl section in params: GLUE tables and plots skipped")
 
     written: list[Path] = []
     with atomic_output(out / "tables") as tables_dir, atomic_output(out / "plots") as plots_dir:
@@ -151,6 +172,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
         for experiment, (methods, tasks) in layouts.items():
             with_results = [m for m in methods if any((experiment, m, t) in results for t in tasks)]
             written += plot_accuracy(results, experiment, with_results, tasks, plots_dir)
+        written += glue_plots(results, order, layouts, plots_dir)
         for name, routing in routings.items():
             if routing.n_skills == 1:
                 note(f"inventory '{name}' has one skill: nothing to route, no heatmap")
