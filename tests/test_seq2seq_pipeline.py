@@ -301,6 +301,7 @@ def test_paper_params_validate_and_plan(name, tmp_path, monkeypatch):
         assert params.glue_mtl.tasks == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
         pal = params.glue_mtl.configs["pal"]
         assert (pal.kind, pal.d_s, pal.n_attention_heads) == ("pal", 204, 6)
+        assert_whole_pals_grid(params)
         train = params.glue_mtl.train
         assert (train.lr, train.batch_size, train.steps, train.epochs) == (2e-5, 32, 60000, 25)
     assert params.data.source == "hub"
@@ -317,6 +318,23 @@ def test_paper_params_validate_and_plan(name, tmp_path, monkeypatch):
         base = stage.split("@")[0]
         counts[base] = counts.get(base, 0) + 1
     assert {k: counts.get(k, 0) for k in expected} == expected
+
+
+def assert_whole_pals_grid(params: Params) -> None:
+    """Every task-specific kind, PAL in every placement, and PAL under every sampler of the paper."""
+    from pipeline_src.config import TASK_SPECIFIC_KINDS
+
+    configs = params.glue_mtl.configs.values()
+    assert {c.kind for c in configs} == set(TASK_SPECIFIC_KINDS)
+    pals = [c for c in configs if c.kind == "pal"]
+    assert {c.layers for c in pals} == {"all", "first_half", "final_half"}
+    assert {c.placement for c in pals} == {"parallel", "serial"}
+    samplers = {c.sampler if "sampler" in c.model_fields_set else params.glue_mtl.train.sampler for c in pals}
+    assert samplers == {"round_robin", "proportional", "sqrt", "annealed"}
+
+
+def test_default_params_run_the_whole_pals_grid():
+    assert_whole_pals_grid(load_config(REPO / "params.yaml"))
 
 
 def test_seq2seq_params_refuse_glue_configs_and_file_only_hub_tasks(tiny_t5_dir):
