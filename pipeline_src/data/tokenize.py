@@ -11,6 +11,15 @@ columns are built from numpy offsets.
 Truncation: pair encodings (task head) use `longest_first`; choice encodings truncate only the
 prompt, from the left, so the choice is never cut and the question at the prompt's end survives.
 
+Long texts: at most max_length tokens of any text survive truncation, so a text of more than
+max_length words is first cut to its first (pair texts) or last (prompts) max_length words
+(`clip_words`; tokenizing whole paragraphs to keep 64 of their tokens was most of the time on
+MultiRC and BoolQ). The output stays byte for byte the same: a cut text's tokens are the first
+(last) tokens of the whole text, and a row whose truncated encoding could still depend on how
+many more tokens the whole text has (`encode_pairs`, `encode_prompts` say when) is tokenized
+whole. The premise is checked on the tokenizer at start (`clip_words_agrees`): where it fails,
+as for byte-level BPE, every text is tokenized whole.
+
 Seq2seq (`max_target_length` given, the stage passes it when model.kind is seq2seq): two more
 columns, `prompt_input_ids` and `target_input_ids` (`pipeline_src.models.seq2seq_collate`:
 prompt truncated from the left to max_length, each choice to max_target_length, both ending
@@ -18,10 +27,12 @@ with eos), from the same rendered prompt and verbalized choices.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +157,7 @@ class Backends:
     plain: Any              # no truncation: prompts and choices tokenized separately
     layout: "PairLayout | None"  # set when (prompt, choice) encodings can be assembled from the pieces
     max_length: int
+    clip: bool = True       # long texts are cut to max_length words first (clip_words)
 
 
 def make_backends(tokenizer, max_length: int) -> Backends:
@@ -161,7 +173,7 @@ def make_backends(tokenizer, max_length: int) -> Backends:
 
     pair, choice, plain = copy(strategy="longest_first"), copy(strategy="only_first", direction="left"), copy()
     layout = PairLayout.probe(plain, choice)
-    return Backends(pair, choice, plain, layout, max_length)
+    return Backends(pair, choice, plain, layout, max_length, clip=CLIP_LONG_TEXTS and clip_words_agrees(plain))
 
 
 # ---- hashes ----
@@ -197,16 +209,15 @@ def _hash_files(folder: Path) -> str:
 def tokenize_batch(batch: pa.RecordBatch, spec: TaskSpec, tok: Backends, raw_path: Path,
                    seq2seq: tuple[Any, int] | None = None) -> pa.Table:
     """One raw batch -> one row group; `seq2seq` = (HF tokenizer, max_target_length) adds its columns."""
-    text_a = batch.column("text_a").to_pylist()
-    text_b = batch.column("text_b").to_pylist()
-    pair = encode_flat(tok.pair, [a if b is None else (a, b) for a, b in zip(text_a, text_b)])
+    pair = encode_pairs(tok, batch.column("text_a").to_pylist(), batch.column("text_b").to_pylist())
 
     choices = batch.column("choices")
     prompts = [spec.template(json.loads(s)) for s in batch.column("raw_json").to_pylist()]
+    prompts, prompt_ids = encode_prompts(tok, prompts)  # long prompts cut where that changes nothing
     n_choices = np.diff(choices.offsets.to_numpy(zero_copy_only=False)).astype(np.int32)
     flat_choices = choices.flatten().to_pylist()
     if tok.layout is not None:
-        choice = tok.layout.encode_choices(tok.plain, prompts, flat_choices, n_choices, tok.max_length)
+        choice = tok.layout.encode_choices(tok.plain, prompt_ids, flat_choices, n_choices, tok.max_length)
     else:
         choice = encode_choices_directly(tok.choice, prompts, flat_choices, n_choices)
     if isinstance(choice, int):  # index of a (prompt, choice) pair that cannot fit max_length
@@ -244,8 +255,15 @@ class FlatEncoding:
         return np.diff(self.offsets)
 
 
+def encode_list(backend, inputs: Sequence, add_special_tokens: bool = True) -> list:
+    return backend.encode_batch(inputs, add_special_tokens=add_special_tokens) if inputs else []
+
+
 def encode_flat(backend, inputs: Sequence, add_special_tokens: bool = True) -> FlatEncoding:
-    encodings = backend.encode_batch(inputs, add_special_tokens=add_special_tokens) if inputs else []
+    return flatten(encode_list(backend, inputs, add_special_tokens))
+
+
+def flatten(encodings: list) -> FlatEncoding:
     lengths = np.fromiter((len(e) for e in encodings), dtype=np.int32, count=len(encodings))
     offsets = np.zeros(len(encodings) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -271,6 +289,102 @@ def encode_choices_directly(choice_tok, prompts: list[str], flat_choices: list[s
             except Exception:
                 return k
         raise
+
+
+# ---- long texts: cut to max_length words before tokenizing ----
+
+# Tests and benchmarks turn this off to compare with tokenizing every text whole.
+CLIP_LONG_TEXTS = True
+
+# A word: a run of characters other than ASCII space, tab, newline and carriage return. WordPiece
+# (BERT) and SentencePiece (T5) tokenizers normalize each character on its own and split at these
+# four, so the words on either side of one are tokenized independently: the tokens of a text's
+# first (last) n words are the first (last) tokens of the whole text. (Other Unicode spaces are
+# left inside words: BERT deletes some of them, e.g. U+001C, and never splits there.)
+_WORD = re.compile(r"[^ \t\n\r]+")
+
+
+@functools.lru_cache(maxsize=None)
+def _first_words(n: int) -> re.Pattern:
+    return re.compile(r"[ \t\n\r]*(?:[^ \t\n\r]+[ \t\n\r]+){%d}[^ \t\n\r]+" % (n - 1))
+
+
+def clip_words(text: str, n: int, keep: str = "start") -> str:
+    """The first (keep="start") or last (keep="end") n words of `text`, cut out of the original
+    string (whitespace inside kept as is); `text` itself when it has at most n words."""
+    s = text if keep == "start" else text[::-1]
+    m = _first_words(n).match(s)
+    if m is None or _WORD.search(s, m.end()) is None:
+        return text
+    return text[:m.end()] if keep == "start" else text[len(text) - m.end():]
+
+
+def clip_words_agrees(plain) -> bool:
+    """Check clip_words's premise on this tokenizer with one probe text. Byte-level BPE (a word's
+    first token depends on the space before it) fails it, and so does a normalizer that turns a
+    zero-width space into a space it does not strip; those tokenizers get every text whole, and so
+    do tokenizers with an added token that contains whitespace (a cut could split it)."""
+    if any(_WORD.fullmatch(t.content) is None for t in plain.get_added_tokens_decoder().values()):
+        return False
+    text = "Hello, world!  A\ttest:\n unïcödé 東京 don't-stop \u200b 12,345.67 [SEP] ça va?\r\nEnd."
+    n_words = len(_WORD.findall(text))
+    heads = [clip_words(text, n, "start") for n in range(1, n_words)]
+    tails = [clip_words(text, n, "end") for n in range(1, n_words)]
+    full, *parts = [e.ids for e in plain.encode_batch([text] + heads + tails, add_special_tokens=False)]
+    return all(ids == full[:len(ids)] for ids in parts[:len(heads)]) and \
+        all(ids == full[len(full) - len(ids):] for ids in parts[len(heads):])
+
+
+def encode_pairs(tok: Backends, text_a: list[str], text_b: list[str | None]) -> FlatEncoding:
+    """The task head's encodings of text_a (and text_b where given), truncated longest_first.
+
+    With tok.clip, each text of more than max_length words is first cut to its first max_length
+    words. longest_first keeps the first tokens of each text, how many depending only on the two
+    token counts, and a cut text has at most as many tokens as the whole one. The encoding of a
+    row is the same for every larger count of its cut text(s) exactly when it fills max_length and
+    each cut text kept at least as many tokens as the other text (checked over all lengths against
+    the truncation rule: the longer text gets the odd token, so the order of the counts matters).
+    Other rows with a cut text (short of tokens, or the other text longer) are encoded whole."""
+    def inputs(a: list, b: list) -> list:
+        return [x if y is None else (x, y) for x, y in zip(a, b)]
+
+    if not tok.clip:
+        return encode_flat(tok.pair, inputs(text_a, text_b))
+    a = [clip_words(t, tok.max_length) for t in text_a]
+    b = [t if t is None else clip_words(t, tok.max_length) for t in text_b]
+    encodings = encode_list(tok.pair, inputs(a, b))
+    redo = [i for i, e in enumerate(encodings)
+            if not _same_as_whole(e, a[i] != text_a[i], b[i] != text_b[i], tok.max_length)]
+    whole = encode_list(tok.pair, inputs([text_a[i] for i in redo], [text_b[i] for i in redo]))
+    for i, e in zip(redo, whole):
+        encodings[i] = e
+    return flatten(encodings)
+
+
+def _same_as_whole(encoding, cut_a: bool, cut_b: bool, max_length: int) -> bool:
+    if not (cut_a or cut_b):
+        return True
+    if len(encoding) < max_length:  # room left: the whole text would have filled it
+        return False
+    sequence_ids = encoding.sequence_ids
+    kept_a, kept_b = sequence_ids.count(0), sequence_ids.count(1)
+    return (not cut_a or kept_a >= kept_b) and (not cut_b or kept_b >= kept_a)
+
+
+def encode_prompts(tok: Backends, prompts: list[str]) -> tuple[list[str], FlatEncoding]:
+    """The prompts as the choice heads tokenize them, and their token ids (no special tokens).
+
+    Prompts are truncated from the left, to at most max_length - 1 tokens. With tok.clip, a prompt
+    of more than max_length words is cut to its last max_length words; where the cut prompt still
+    has >= max_length tokens, its last max_length tokens are the whole prompt's, so every head keeps
+    the same tokens. A cut prompt with fewer tokens (words that normalize to nothing, e.g.
+    zero-width spaces) is replaced by the whole prompt."""
+    texts = [clip_words(p, tok.max_length, keep="end") for p in prompts] if tok.clip else list(prompts)
+    encodings = encode_list(tok.plain, texts, add_special_tokens=False)
+    redo = [i for i, (t, p) in enumerate(zip(texts, prompts)) if t != p and len(encodings[i]) < tok.max_length]
+    for i, e in zip(redo, encode_list(tok.plain, [prompts[i] for i in redo], add_special_tokens=False)):
+        texts[i], encodings[i] = prompts[i], e
+    return texts, flatten(encodings)
 
 
 def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -318,7 +432,8 @@ class PairLayout:
         max_length = choice_tok.truncation["max_length"]
         prompts = ["a short prompt?", " ".join(["many words here"] * max_length) + " question?"]
         choices = ["True", "no"]
-        got = self.encode_choices(plain, prompts, choices * 2, np.array([2, 2]), max_length)
+        prompt_ids = encode_flat(plain, prompts, add_special_tokens=False)
+        got = self.encode_choices(plain, prompt_ids, choices * 2, np.array([2, 2]), max_length)
         try:
             want = encode_flat(choice_tok, [(p, c) for p in prompts for c in choices])
         except Exception:  # this tokenizer cannot fit even these: let the direct path report it
@@ -326,16 +441,18 @@ class PairLayout:
         return not isinstance(got, int) and all(
             np.array_equal(getattr(got, f), getattr(want, f)) for f in ("offsets", "ids", "type_ids"))
 
-    def encode_choices(self, plain, prompts: list[str], flat_choices: list[str], n_choices: np.ndarray,
+    def encode_choices(self, plain, prompt_ids: FlatEncoding, flat_choices: list[str], n_choices: np.ndarray,
                        max_length: int) -> FlatEncoding | int:
-        """Encodings of (prompt, choice), the prompt truncated from the left; or the index of a pair that can't fit."""
+        """Encodings of (prompt, choice), the prompt truncated from the left; or the index of a pair that can't fit.
+
+        `prompt_ids`: the prompts' tokens without special tokens (encode_prompts)."""
         if not flat_choices:
             return FlatEncoding(np.zeros(1, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int8))
         distinct: dict[str, int] = {}
         which = np.array([distinct.setdefault(c, len(distinct)) for c in flat_choices], dtype=np.int64)
-        a = encode_flat(plain, prompts, add_special_tokens=False)
+        a = prompt_ids
         b = encode_flat(plain, list(distinct), add_special_tokens=False)
-        row = np.repeat(np.arange(len(prompts)), n_choices)
+        row = np.repeat(np.arange(len(n_choices)), n_choices)
         len_a, len_b = a.lengths[row].astype(np.int64), b.lengths[which].astype(np.int64)
         to_remove = np.maximum(len_a + len_b + self.n_special - max_length, 0)
         too_long = (to_remove > 0) & (len_a <= to_remove)  # the tokenizer refuses these too
