@@ -102,6 +102,7 @@ class FewShotParams(Strict):
     shots: int = Field(32, ge=1)
     shots_per_task: dict[str, int] = Field(default_factory=dict)
     selection: int = Field(32, ge=1, description="examples held apart from the k shots for checkpoint selection")
+    selection_looks: int = Field(3, ge=1, description="times the selection set is scored during adaptation, evenly spaced, the last at the final step")
     seeds: list[int] = Field(min_length=1)
 
 

@@ -386,6 +386,9 @@ def test_dvc_repro_cross_task_with_tiny_t5(tmp_path, tiny_data_root, tiny_t5_dir
                 result = json.loads(path.read_text())
                 assert result["k"] == 1 and 0.0 <= result["metrics"]["accuracy"] <= 1.0
                 assert result["n_eval"] == 2 and result["params"]["trainable_per_task"] > 0
+                run_dir = project / f"runs/cross_task/{method}/{task}/s{seed}"
+                assert (run_dir / "weights.safetensors").is_file() and (run_dir / "selection.json").is_file()
+                assert not (run_dir / "checkpoint").exists()  # adapt never resumes: no optimizer state written
     for method in ct["zeroshot_methods"]:
         for task in ct["heldout_tasks"]:
             result = json.loads((project / f"results/metrics/cross_task_zeroshot/{method}/{task}/s0.json").read_text())

@@ -134,7 +134,7 @@ def adapt_one(params: Params, method: str, task: str, seed: int) -> None:
     # checkpoint, so resuming a half-done adaptation would select from an incomplete history.
     shutil.rmtree(out, ignore_errors=True)
 
-    eval_every = max(1, ct.adapt.steps // 3)  # three looks at the selection subset
+    eval_every = max(1, ct.adapt.steps // ct.fewshot.selection_looks)
     best = {"score": -float("inf"), "step": 0, "state": None}
 
     def select(step: int, trained) -> None:
@@ -149,6 +149,7 @@ def adapt_one(params: Params, method: str, task: str, seed: int) -> None:
     # A short job that never resumes: skip deterministic-algorithm mode (its import alone costs
     # ~2 s per job, x56 jobs on the default); CPU kernels used here are deterministic anyway.
     settings.deterministic = False
+    settings.save_checkpoints = False  # it never resumes (see above): no optimizer state to write
     batcher = make_batcher(ct.adapt, {task: len(train_split)}, mode="single_task", seed=seed)
     config_hash = params.section_hash("model", "adapter", f"cross_task.adapt_methods.{method}", "cross_task.adapt", "cross_task.fewshot")
     counts = trainable_counts(model)

@@ -85,6 +85,7 @@ class TrainSettings:
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
     optimizer: str = "adamw"  # "adamw" | "adafactor"
     checkpoint_every: int = 0  # 0: only the final checkpoint
+    save_checkpoints: bool = True  # False: none at all (short jobs that never resume)
     keep_checkpoints: int = 1
     alignment_every: int = 0  # 0: off
     alignment_batch_size: int = 8
@@ -450,7 +451,8 @@ def _train(
             metrics_log.append(record)
         bar.update(1)
 
-        if (settings.checkpoint_every and step % settings.checkpoint_every == 0) or step == settings.total_steps:
+        due = (settings.checkpoint_every and step % settings.checkpoint_every == 0) or step == settings.total_steps
+        if due and settings.save_checkpoints:
             _save_checkpoint(manager, model, optimizer, scheduler, batcher, step,
                              elapsed_before + time.perf_counter() - t_start, metrics_log.path, info)
         if on_step_end is not None and info.is_main:
