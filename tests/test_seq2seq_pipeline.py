@@ -354,12 +354,14 @@ def test_seq2seq_params_refuse_glue_configs_and_file_only_hub_tasks(tiny_t5_dir)
 
 def e2e_params(data_root: Path, model_dir: str) -> dict:
     """As few stages as cover the seq2seq path: one held-out task with per-example choices (COPA),
-    one seed, the MHR inventory and the methods that use it in every mode, plus full fine-tuning.
-    (~20 stages; each is a fresh Python process, so this is what the test's time goes to.)"""
+    two seeds (run by the same adapt job), the MHR inventory and the methods that use it in every
+    mode, plus full fine-tuning. (~20 stages; each is a fresh Python process, so this is what the
+    test's time goes to.)"""
     params = seq2seq_params(data_root, model_dir)
     params["data"]["tasks"] = ["sst2", "mrpc", "copa"]
     ct = params["cross_task"]
     ct["heldout_tasks"] = ["copa"]
+    ct["fewshot"]["seeds"] = [1, 2]
     ct["inventories"] = {"mhr": {"n_skills": 2, "n_heads": 2}}
     ct["adapt_methods"] = {name: ct["adapt_methods"][name] for name in ("full_ft", "mhr", "mhr_z", "mhr_mu")}
     ct["zeroshot_methods"] = {"mhr_mu_zs": ct["zeroshot_methods"]["mhr_mu_zs"]}
