@@ -147,7 +147,7 @@ def adapt_one(params: Params, method: str, task: str, seed: int) -> None:
 
     settings = train_settings(ct.adapt, seed=seed)
     # A short job that never resumes: skip deterministic-algorithm mode (its import alone costs
-    # ~2 s per process); CPU kernels used here are deterministic anyway.
+    # ~2 s per job, x56 jobs on the default); CPU kernels used here are deterministic anyway.
     settings.deterministic = False
     settings.save_checkpoints = False  # it never resumes (see above): no optimizer state to write
     batcher = make_batcher(ct.adapt, {task: len(train_split)}, mode="single_task", seed=seed)
