@@ -48,3 +48,22 @@ def make_project(dest: Path, params: dict) -> Path:
 
 def default_params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def write_standin_inventories(params, train_score_head: bool = False) -> None:
+    """Random "pre-trained" adapters for every inventory, where the adapt stage looks for them
+    (run inside the test's working directory). `train_score_head`: save the scorer head too."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline_src.stages.common import build_choice_model, pretrain_dir
+
+    for name, inventory in params.cross_task.inventories.items():
+        torch.manual_seed(1)
+        model, _ = build_choice_model(params, inventory, n_tasks=len(params.cross_task.train_tasks))
+        if train_score_head:
+            model.score.requires_grad_(True)
+        weights = {n: torch.randn_like(p) * 0.1 for n, p in model.named_parameters() if p.requires_grad}
+        path = pretrain_dir("cross_task", name) / "adapter.safetensors"
+        path.parent.mkdir(parents=True)
+        save_file(weights, str(path))

@@ -40,13 +40,8 @@ JSON_KEYS = {"experiment", "method", "kind", "sampler", "task", "k", "seed", "me
 PARAM_KEYS = {"trainable_per_task", "stored_per_task", "total", "multiplier"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a shared 2-core machine they only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one torch thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_backbone():

@@ -25,13 +25,8 @@ D, D_S, HEADS = 24, 12, 3
 TS_KINDS = ("low_rank", "mha", "pal", "ffn")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a shared 2-core machine they only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one torch thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(n_layers: int = 4, attn: str = "eager", dropout: float = 0.1) -> BertConfig:

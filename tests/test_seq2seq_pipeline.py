@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from pipeline_src.adapters.inject import inject_routed_lora, routed_layers
 from pipeline_src.config import Params, load_config
@@ -26,7 +25,7 @@ from pipeline_src.models.backbone import resolve_model_name
 from pipeline_src.models.evaluate_utils import predict_dataset
 from pipeline_src.models.seq2seq import Seq2SeqChoiceScorer, build_tiny_t5, generate_with_tasks
 from pipeline_src.models.seq2seq_collate import SEQ2SEQ_FIELDS, collate_seq2seq, seq2seq_special_ids
-from pipeline_utils import REPO, default_params, make_project, run
+from pipeline_utils import REPO, default_params, make_project, run, write_standin_inventories
 
 T5_TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
 
@@ -111,17 +110,9 @@ def test_tokenize_writes_seq2seq_columns_only_for_seq2seq(tiny_data_root, tiny_t
 @pytest.fixture()
 def params(tiny_t5_dir, tmp_path, monkeypatch) -> Params:
     """Seq2seq params; stand-in pre-trained inventories under tmp_path/models."""
-    from pipeline_src.stages.common import build_choice_model, pretrain_dir
-
     monkeypatch.chdir(tmp_path)
     params = Params.model_validate(seq2seq_params(None, tiny_t5_dir))
-    for name, inventory in params.cross_task.inventories.items():
-        torch.manual_seed(1)
-        model, _ = build_choice_model(params, inventory, n_tasks=len(params.cross_task.train_tasks))
-        weights = {n: torch.randn_like(p) * 0.1 for n, p in model.named_parameters() if p.requires_grad}
-        path = pretrain_dir("cross_task", name) / "adapter.safetensors"
-        path.parent.mkdir(parents=True)
-        save_file(weights, str(path))
+    write_standin_inventories(params)
     return params
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from pipeline_src.adapters.inject import routed_layers
 from pipeline_src.config import Params
 from pipeline_src.stages.adapt import build_adapt_model, trainable_counts
 from pipeline_src.stages.common import build_choice_model, pretrain_dir
 from pipeline_src.stages.subsets import make_subsets
-from pipeline_utils import default_params
+from pipeline_utils import default_params, write_standin_inventories
 
 
 # ---------------------------------------------------------------- subsets
@@ -46,14 +45,7 @@ def params(tiny_bert_dir, tmp_path, monkeypatch) -> Params:
                                         "mhr": {"n_skills": 4, "n_heads": 4}}
     raw["cross_task"]["adapt_methods"]["poly_z"] = {"init": "poly", "mode": "routing_only"}
     params = Params.model_validate(raw)
-    for name, inventory in params.cross_task.inventories.items():  # stand-in pre-trained weights
-        torch.manual_seed(1)
-        model, _ = build_choice_model(params, inventory, n_tasks=len(params.cross_task.train_tasks))
-        model.score.requires_grad_(True)
-        weights = {n: torch.randn_like(p) * 0.1 for n, p in model.named_parameters() if p.requires_grad}
-        path = pretrain_dir("cross_task", name) / "adapter.safetensors"
-        path.parent.mkdir(parents=True)
-        save_file(weights, str(path))
+    write_standin_inventories(params, train_score_head=True)
     return params
 
 
